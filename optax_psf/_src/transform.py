@@ -1,0 +1,324 @@
+"""The transformation that wires a policy, a perturbation and a reuse rule."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_psf._src import perturbation as perturbation_lib
+from optax_psf._src import policy as policy_lib
+from optax_psf._src import reuse as reuse_lib
+from optax_psf._src import statistics as stats_lib
+from optax_psf._src import tree_math
+
+GradFn = Callable[[optax.Params, int], optax.Updates]
+StatsMask = Any  # A pytree of bools, or a callable from params to one.
+
+GRAD_FN_SIGNATURE = (
+    "grad_fn(params, i) -> grads, for example"
+    " grad_fn = jax.grad(lambda params, _: loss_fn(params, batch))"
+)
+
+
+class PsfReuseState(NamedTuple):
+    """State of the transformations built by :func:`psf_reuse`.
+
+    Attributes:
+      count: Update steps taken. shape=(), dtype=int32.
+      second_gradients: Steps that called ``grad_fn``. shape=(), dtype=int32.
+      target_rate: The policy's target fraction of sampled steps after the
+        latest step. shape=(), dtype=float32.
+      policy: State of the sampling policy.
+      statistics: Histories of the sampled PSF.
+      reuse: State of the reuse rule, with the PSF cache for vSAM.
+      key: PRNG key of the policy's uniform draws. shape=(2,), dtype=uint32.
+    """
+
+    count: jax.Array
+    second_gradients: jax.Array
+    target_rate: jax.Array
+    policy: Any
+    statistics: stats_lib.PsfStatistics
+    reuse: Any
+    key: jax.Array
+
+
+def psf_reuse(
+    policy: policy_lib.SamplingPolicy,
+    perturbation: perturbation_lib.Perturbation,
+    reuse: reuse_lib.ReuseRule,
+    *,
+    window: int = 50,
+    blocks: int = 5,
+    stats_mask: StatsMask | None = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """Builds a sharpness-aware transformation that takes ``g_sam`` only on some steps.
+
+    ``update(grads, state, params, *, grad_fn)`` receives the clean gradient
+    ``g`` and returns the direction to descend. When the policy samples, it
+    calls ``grad_fn`` once at the perturbed parameters, returns
+    ``g_sam = grad_fn(perturbed_params, 0)``, records ``psf = g_sam - g`` in
+    the statistics and hands it to the reuse rule. Otherwise it returns the
+    reuse rule's direction and never calls ``grad_fn``: the choice is a
+    ``jax.lax.cond`` inside the compiled step.
+
+    Args:
+      policy: Decides which steps sample.
+      perturbation: Maps ``(params, g)`` to the parameters where ``g_sam`` is
+        taken.
+      reuse: Gives the direction on steps that skip ``g_sam``.
+      window: Length of the statistics' histories.
+      blocks: Number of blocks of the sorted PSF-norm history whose variances
+        are averaged.
+      stats_mask: Selects the parameters whose norms feed the statistics: a
+        pytree of bools with the structure of the parameters, or a callable
+        that maps the parameters to one. ``None`` selects all of them.
+      seed: Seed of the PRNG key of the policy's uniform draws.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` whose state is a
+      :class:`PsfReuseState`.
+    """
+    check_window_blocks(window, blocks)
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, got {seed!r}.")
+    if stats_mask is not None and not callable(stats_mask):
+        _check_mask_leaves(stats_mask)
+
+    def init_fn(params):
+        resolve_mask(stats_mask, params)
+        return PsfReuseState(
+            count=jnp.zeros((), jnp.int32),
+            second_gradients=jnp.zeros((), jnp.int32),
+            target_rate=jnp.asarray(policy.target_rate(policy.init()), jnp.float32),
+            policy=policy.init(),
+            statistics=stats_lib.init_statistics(window),
+            reuse=reuse.init(params),
+            key=jax.random.PRNGKey(seed),
+        )
+
+    def update_fn(updates, state, params=None, *, grad_fn=None, sampling_draw=None, **extra_args):
+        """Returns the descent direction and the new state.
+
+        Args:
+          updates: The clean gradient ``g`` at ``params``.
+          state: A :class:`PsfReuseState`.
+          params: The current parameters.
+          grad_fn: ``grad_fn(params, i) -> grads``, as in the opaque mode of
+            ``optax.contrib.sam``; called with ``i = 0``.
+          sampling_draw: For tests that replay recorded runs: the uniform draw
+            in ``[0, 1)`` the policy uses at this step instead of one drawn
+            from ``state.key``. Training code leaves it ``None``.
+          **extra_args: Extra arguments of other transformations in a chain,
+            ignored.
+        """
+        del extra_args
+        if grad_fn is None or not callable(grad_fn):
+            raise TypeError(
+                f"update() needs a gradient function passed as grad_fn=, got"
+                f" {grad_fn!r}. Expected signature: {GRAD_FN_SIGNATURE}."
+            )
+        if params is None:
+            raise ValueError("update() needs params: the perturbation is taken at them.")
+        mask = resolve_mask(stats_mask, params)
+        grads = updates
+
+        key, draw_key = jax.random.split(state.key)
+        u = jax.random.uniform(draw_key) if sampling_draw is None else sampling_draw
+        sample, policy_state = policy.decide(
+            state.policy, state.statistics, jnp.asarray(u, jnp.float32)
+        )
+
+        def take_second_gradient():
+            perturbed = perturbation.apply(params, grads)
+            grads_sam = grad_fn(perturbed, 0)
+            grads_sam = jax.tree.map(lambda gs, g: gs.astype(g.dtype), grads_sam, grads)
+            psf = jax.tree.map(jnp.subtract, grads_sam, grads)
+            statistics = stats_lib.record_sample(
+                state.statistics,
+                tree_math.masked_norm(psf, mask),
+                tree_math.masked_norm(grads, mask),
+                blocks,
+            )
+            return grads_sam, statistics, reuse.store(state.reuse, psf)
+
+        def reuse_cached_psf():
+            direction, reuse_state = reuse.apply(state.reuse, grads)
+            return direction, state.statistics, reuse_state
+
+        # Outside jit (or with a fixed policy) the decision is known in Python:
+        # run one branch directly rather than compiling a conditional per call.
+        take_sample = policy.static_decision
+        if take_sample is None and not isinstance(sample, jax.core.Tracer):
+            take_sample = bool(sample)
+
+        if take_sample is None:
+            direction, statistics, reuse_state = jax.lax.cond(
+                sample, take_second_gradient, reuse_cached_psf
+            )
+        elif take_sample:
+            direction, statistics, reuse_state = take_second_gradient()
+        else:
+            direction, statistics, reuse_state = reuse_cached_psf()
+
+        return direction, PsfReuseState(
+            count=optax.safe_increment(state.count),
+            second_gradients=state.second_gradients + sample.astype(jnp.int32),
+            target_rate=jnp.asarray(policy.target_rate(policy_state), jnp.float32),
+            policy=policy_state,
+            statistics=statistics,
+            reuse=reuse_state,
+            key=key,
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def vsam(
+    rho: float = 0.05,
+    *,
+    window: int = 50,
+    blocks: int = 5,
+    max_rate: float = 0.8,
+    alpha: tuple[float, float] = (0.13, 0.13),
+    beta: float = 0.7,
+    max_reuse: int = 6,
+    warmup_steps: int | None = None,
+    stats_mask: StatsMask | None = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """vSAM: SAM that takes the second gradient only on some steps.
+
+    SAM's direction ``g_sam`` is split as ``g + psf``. vSAM computes
+    ``g_sam`` on the steps its controller samples and caches the PSF; on the
+    other steps it returns ``g + beta**k * psf_cached`` for the first
+    ``max_reuse`` steps after a sample and ``g`` after that. The controller
+    raises the number of samples per window when the PSF statistics vary more
+    and lowers it when they settle. Chain it in front of the optimizer:
+
+      >>> import jax, jax.numpy as jnp, optax, optax_psf
+      >>> params = {"w": jnp.ones(3)}
+      >>> loss_fn = lambda p: jnp.sum(p["w"] ** 2)
+      >>> tx = optax.chain(optax_psf.vsam(rho=0.05), optax.sgd(0.1))
+      >>> state = tx.init(params)
+      >>> grads = jax.grad(loss_fn)(params)
+      >>> updates, state = tx.update(
+      ...     grads, state, params, grad_fn=lambda p, _: jax.grad(loss_fn)(p))
+      >>> params = optax.apply_updates(params, updates)
+
+    Args:
+      rho: Radius of SAM's perturbation ``rho * g / ||g||``.
+      window: Steps per window of the controller, ``K``.
+      blocks: Blocks the sorted PSF-norm history is split into; must divide
+        ``window`` into blocks of at least 2.
+      max_rate: Largest fraction of a window that samples, in ``(0, 1]``.
+      alpha: ``(alpha_ratio, alpha_variance)``: sensitivity of the sampling
+        rate to the relative change of ``||psf|| / ||g||`` and of the PSF-norm
+        variance. The authors' training script uses ``(0.13, 0.13)``.
+      beta: Decay of the cached PSF's weight per reuse, in ``(0, 1)``.
+      max_reuse: Skipped steps after a sample that reuse the cached PSF.
+      warmup_steps: Steps at the start that all sample. The authors warm up
+        for 3 epochs; the default ``None`` means ``window`` steps, the fewest
+        that fill the statistics' histories.
+      stats_mask: Parameters whose norms feed the controller: a pytree of bools
+        matching the parameters, or a callable mapping the parameters to one.
+        ``None`` selects all parameters.
+      seed: Seed of the controller's random draws.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs`. Its ``update`` needs
+      ``params`` and ``grad_fn`` and returns the direction to descend.
+
+    Raises:
+      ValueError: If a hyperparameter is outside its valid range.
+
+    References:
+      Deng et al., `Effective Gradient Sample Size via Variation Estimation
+      for Accelerating Sharpness aware Minimization
+      <https://arxiv.org/abs/2403.08821>`_, 2024
+    """
+    return psf_reuse(
+        policy=policy_lib.vsam_policy(
+            window, max_rate=max_rate, alpha=alpha, warmup_steps=warmup_steps
+        ),
+        perturbation=perturbation_lib.sam_perturbation(rho),
+        reuse=reuse_lib.decayed_psf(beta, max_reuse),
+        window=window,
+        blocks=blocks,
+        stats_mask=stats_mask,
+        seed=seed,
+    )
+
+
+def sam(
+    rho: float = 0.05, *, stats_mask: StatsMask | None = None
+) -> optax.GradientTransformationExtraArgs:
+    """SAM as a transformation that takes the second gradient on every step.
+
+    The same engine as :func:`vsam` with a policy that always samples and no
+    PSF cache, so its metrics are comparable with vSAM's.
+
+    Args:
+      rho: Radius of the perturbation ``rho * g / ||g||``.
+      stats_mask: Parameters whose norms feed the logged PSF statistics; see
+        :func:`vsam`.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` that returns ``g_sam``.
+
+    References:
+      Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
+      Generalization <https://arxiv.org/abs/2010.01412>`_, 2021
+    """
+    return psf_reuse(
+        policy=policy_lib.always_sample(),
+        perturbation=perturbation_lib.sam_perturbation(rho),
+        reuse=reuse_lib.no_reuse(),
+        stats_mask=stats_mask,
+    )
+
+
+def check_window_blocks(window: int, blocks: int) -> None:
+    """Raises unless ``blocks`` splits ``window`` into equal blocks of >= 2."""
+    policy_lib.check_window(window)
+    if not isinstance(blocks, numbers.Integral) or isinstance(blocks, bool) or blocks < 1:
+        raise ValueError(f"blocks must be an int >= 1, got {blocks!r}.")
+    if window % blocks != 0 or window // blocks < 2:
+        raise ValueError(
+            f"blocks must divide window into equal blocks of at least 2 steps,"
+            f" got blocks={blocks!r} for window={window!r}."
+        )
+
+
+def resolve_mask(stats_mask: StatsMask | None, params: optax.Params) -> Any:
+    """Returns the statistics mask as a pytree of bools matching ``params``."""
+    if stats_mask is None:
+        return jax.tree.map(lambda _: True, params)
+    mask = stats_mask(params) if callable(stats_mask) else stats_mask
+    _check_mask_leaves(mask)
+    params_structure = jax.tree.structure(params)
+    mask_structure = jax.tree.structure(mask)
+    if mask_structure != params_structure:
+        raise ValueError(
+            "stats_mask must have the structure of the parameters, got"
+            f" {mask_structure} for parameters {params_structure}."
+        )
+    if not any(jax.tree.leaves(mask)):
+        raise ValueError("stats_mask selects no parameter: at least one leaf must be True.")
+    return mask
+
+
+def _check_mask_leaves(mask: Any) -> None:
+    for leaf in jax.tree.leaves(mask):
+        if not isinstance(leaf, (bool, np.bool_)):
+            raise ValueError(
+                f"stats_mask leaves must be Python bools, got {leaf!r} of type"
+                f" {type(leaf).__name__}."
+            )
