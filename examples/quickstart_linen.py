@@ -53,7 +53,9 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=20, help="vSAM window, in steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of data order and init")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # INFO for this script only; JAX logs its backend probing at INFO.
+    logging.basicConfig(format="%(message)s")
+    logger.setLevel(logging.INFO)
 
     (train_x, train_y), (test_x, test_y) = load_split(args.seed)
     model = DigitsCNN()

@@ -11,6 +11,7 @@ from optax_psf._src.policy import (
 )
 from optax_psf._src.reuse import DecayedPsfState, ReuseRule, decayed_psf, no_reuse
 from optax_psf._src.statistics import PsfStatistics
+from optax_psf._src.train_step import StepOutput, TrainStep, default_path, make_train_step
 from optax_psf._src.transform import PsfReuseState, psf_reuse, sam, vsam
 
 __version__ = "0.1.0"
@@ -22,10 +23,14 @@ __all__ = [
     "PsfStatistics",
     "ReuseRule",
     "SamplingPolicy",
+    "StepOutput",
+    "TrainStep",
     "VSamPolicyState",
     "always_sample",
     "decayed_psf",
+    "default_path",
     "find_state",
+    "make_train_step",
     "metrics",
     "never_sample",
     "no_reuse",

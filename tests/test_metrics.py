@@ -56,3 +56,15 @@ def test_vsam_docstring_example_runs():
 
     failures, _ = doctest.testmod(transform, verbose=False)
     assert failures == 0
+
+
+def test_state_can_be_donated():
+    # A jitted step that donates the optimizer state fails if two fields of
+    # the state share one buffer.
+    params = {"w": jnp.ones(3)}
+    tx = optax.chain(optax_psf.vsam(window=4, blocks=2), optax.sgd(0.1, momentum=0.9))
+    step = jax.jit(lambda p, s: tx.update(p, s, p, grad_fn=lambda q, i: q), donate_argnums=(1,))
+    state = tx.init(params)
+    for _ in range(3):
+        _, state = step(params, state)
+    assert int(optax_psf.metrics(state)["steps"]) == 3

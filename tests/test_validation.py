@@ -3,6 +3,7 @@
 import math
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import optax_psf
@@ -93,6 +94,20 @@ def test_update_without_grad_fn_names_grad_fn(build):
         tx.update(PARAMS, state, PARAMS)
     assert "grad_fn" in str(error.value)
     assert "grad_fn(params, i)" in str(error.value)
+
+
+def test_grad_fn_with_one_argument_raises():
+    tx = optax_psf.vsam()
+    state = tx.init(PARAMS)
+    with pytest.raises(TypeError) as error:
+        tx.update(PARAMS, state, PARAMS, grad_fn=lambda params: params)
+    assert "grad_fn" in str(error.value)
+    assert "(params, i)" in str(error.value)
+
+
+def test_numpy_rho_is_accepted():
+    tx = optax_psf.vsam(rho=np.float32(0.05))
+    assert tx.init(PARAMS) is not None
 
 
 def test_update_without_params_raises():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from optax_psf._src.transform import PsfReuseState
 
@@ -52,10 +53,12 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
       - ``psf_ratio``: ``||psf|| / ||g||`` at the latest sampled step.
     """
     state = find_state(opt_state)
-    return {
+    values = {
         "steps": state.count,
         "second_gradients": state.second_gradients,
         "target_rate": state.target_rate,
         "psf_norm": state.statistics.last_psf_norm,
         "psf_ratio": state.statistics.last_ratio,
     }
+    # Flax NNX wraps the optimizer state's arrays in variables; unwrap them.
+    return {name: jnp.asarray(value) for name, value in values.items()}

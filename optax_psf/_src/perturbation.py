@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -56,9 +57,9 @@ def sam_perturbation(rho: float) -> Perturbation:
 
 def check_rho(rho: float) -> None:
     """Raises if ``rho`` is not a finite, non-negative number."""
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)):
+    if isinstance(rho, bool) or not isinstance(rho, numbers.Real):
         raise TypeError(
-            f"rho must be a non-negative float, got {rho!r} of type {type(rho).__name__}."
+            f"rho must be a finite number >= 0, got {rho!r} of type {type(rho).__name__}."
         )
     if not math.isfinite(rho) or rho < 0:
         raise ValueError(f"rho must be a finite number >= 0, got {rho!r}.")

@@ -29,6 +29,10 @@ class SamplingPolicy(NamedTuple):
         uniform draw in ``[0, 1)`` and ``sample`` a boolean scalar.
       target_rate: ``target_rate(policy_state) -> rate``, the fraction of steps
         the policy currently aims to sample, for logging.
+      reads_statistics: ``reads_statistics(policy_state) -> bool``, whether
+        the next call of ``decide`` reads the statistics. Decisions between two
+        such calls depend only on the policy state and the draws, which lets
+        :func:`plan_decisions` compute them ahead of time.
       static_decision: ``True`` or ``False`` when the decision never depends
         on the state, which lets the transformation skip the conditional.
         ``None`` otherwise.
@@ -37,6 +41,7 @@ class SamplingPolicy(NamedTuple):
     init: Callable[[], Any]
     decide: Callable[[Any, stats_lib.PsfStatistics, jax.Array], tuple[jax.Array, Any]]
     target_rate: Callable[[Any], jax.Array]
+    reads_statistics: Callable[[Any], jax.Array]
     static_decision: bool | None = None
 
 
@@ -46,6 +51,7 @@ def always_sample() -> SamplingPolicy:
         init=optax.EmptyState,
         decide=lambda state, statistics, u: (jnp.array(True), state),
         target_rate=lambda state: jnp.ones((), jnp.float32),
+        reads_statistics=lambda state: jnp.array(False),
         static_decision=True,
     )
 
@@ -56,6 +62,7 @@ def never_sample() -> SamplingPolicy:
         init=optax.EmptyState,
         decide=lambda state, statistics, u: (jnp.array(False), state),
         target_rate=lambda state: jnp.zeros((), jnp.float32),
+        reads_statistics=lambda state: jnp.array(False),
         static_decision=False,
     )
 
@@ -181,7 +188,61 @@ def vsam_policy(
     def target_rate(state):
         return state.rate / window
 
-    return SamplingPolicy(init=init, decide=decide, target_rate=target_rate)
+    def reads_statistics(state):
+        return (state.step >= warmup_steps) & (state.window_step % window == 0)
+
+    return SamplingPolicy(
+        init=init, decide=decide, target_rate=target_rate, reads_statistics=reads_statistics
+    )
+
+
+def split_draw(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Returns the next key and the step's uniform draw in ``[0, 1)`` from ``key``."""
+    key, draw_key = jax.random.split(key)
+    return key, jax.random.uniform(draw_key)
+
+
+def plan_decisions(
+    policy: SamplingPolicy,
+    policy_state: Any,
+    statistics: stats_lib.PsfStatistics,
+    key: jax.Array,
+    size: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Computes the decisions of the next steps, up to the next statistics read.
+
+    Runs ``decide`` ahead on the same draws that the steps will take from
+    ``key``, so the first ``length`` entries are exactly the decisions those
+    steps will make.
+
+    Args:
+      policy: The sampling policy.
+      policy_state: Its state before the first planned step.
+      statistics: The statistics before the first planned step.
+      key: The PRNG key before the first planned step.
+      size: Number of steps to simulate.
+
+    Returns:
+      ``(decisions, length)``: a bool array of shape ``(size,)`` and the number
+      of its leading entries that are final, at least 1. Later entries depend
+      on statistics not yet recorded.
+    """
+    if policy.static_decision is not None:
+        return jnp.full((size,), policy.static_decision), jnp.asarray(size, jnp.int32)
+
+    def step(carry, _):
+        policy_state, key = carry
+        reads = policy.reads_statistics(policy_state)
+        key, u = split_draw(key)
+        sample, policy_state = policy.decide(policy_state, statistics, u)
+        return (policy_state, key), (sample, reads)
+
+    _, (decisions, reads) = jax.lax.scan(step, (policy_state, key), None, length=size)
+    # The first step may read the statistics: they are current. A later read
+    # needs statistics that the planned steps have yet to record.
+    later_reads = reads.at[0].set(False)
+    length = jnp.where(jnp.any(later_reads), jnp.argmax(later_reads), size)
+    return decisions, length.astype(jnp.int32)
 
 
 def check_window(window: int) -> None:

@@ -40,9 +40,14 @@ class PsfStatistics(NamedTuple):
 
 def init_statistics(window: int) -> PsfStatistics:
     """Returns statistics whose histories are all zeros, as in the reference."""
-    zeros = jnp.zeros((window,), jnp.float32)
-    scalar = jnp.zeros((), jnp.float32)
-    return PsfStatistics(zeros, zeros, zeros, scalar, scalar)
+    # Separate arrays per field, so that a jitted step may donate the state.
+    return PsfStatistics(
+        psf_norms=jnp.zeros((window,), jnp.float32),
+        ratios=jnp.zeros((window,), jnp.float32),
+        variances=jnp.zeros((window,), jnp.float32),
+        last_psf_norm=jnp.zeros((), jnp.float32),
+        last_ratio=jnp.zeros((), jnp.float32),
+    )
 
 
 def record_sample(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -38,6 +39,14 @@ class PsfReuseState(NamedTuple):
       statistics: Histories of the sampled PSF.
       reuse: State of the reuse rule, with the PSF cache for vSAM.
       key: PRNG key of the policy's uniform draws. shape=(2,), dtype=uint32.
+      plan: Decisions of the steps ``plan_start`` to
+        ``plan_start + plan_length - 1``, computed ahead so that a host loop
+        can read a whole window's decisions at once. shape=(window,),
+        dtype=bool.
+      plan_start: Value of ``count`` at the first planned step. shape=(),
+        dtype=int32.
+      plan_length: Number of final leading entries of ``plan``. shape=(),
+        dtype=int32.
     """
 
     count: jax.Array
@@ -47,6 +56,9 @@ class PsfReuseState(NamedTuple):
     statistics: stats_lib.PsfStatistics
     reuse: Any
     key: jax.Array
+    plan: jax.Array
+    plan_start: jax.Array
+    plan_length: jax.Array
 
 
 def psf_reuse(
@@ -94,17 +106,33 @@ def psf_reuse(
 
     def init_fn(params):
         resolve_mask(stats_mask, params)
+        policy_state = policy.init()
+        statistics = stats_lib.init_statistics(window)
+        key = jax.random.PRNGKey(seed)
+        plan, plan_length = policy_lib.plan_decisions(policy, policy_state, statistics, key, window)
         return PsfReuseState(
             count=jnp.zeros((), jnp.int32),
             second_gradients=jnp.zeros((), jnp.int32),
-            target_rate=jnp.asarray(policy.target_rate(policy.init()), jnp.float32),
-            policy=policy.init(),
-            statistics=stats_lib.init_statistics(window),
+            target_rate=jnp.asarray(policy.target_rate(policy_state), jnp.float32),
+            policy=policy_state,
+            statistics=statistics,
             reuse=reuse.init(params),
-            key=jax.random.PRNGKey(seed),
+            key=key,
+            plan=plan,
+            plan_start=jnp.zeros((), jnp.int32),
+            plan_length=plan_length,
         )
 
-    def update_fn(updates, state, params=None, *, grad_fn=None, sampling_draw=None, **extra_args):
+    def update_fn(
+        updates,
+        state,
+        params=None,
+        *,
+        grad_fn=None,
+        planned_sample=None,
+        sampling_draw=None,
+        **extra_args,
+    ):
         """Returns the descent direction and the new state.
 
         Args:
@@ -113,9 +141,14 @@ def psf_reuse(
           params: The current parameters.
           grad_fn: ``grad_fn(params, i) -> grads``, as in the opaque mode of
             ``optax.contrib.sam``; called with ``i = 0``.
+          planned_sample: ``True`` or ``False`` to compile the step without a
+            conditional, for a host loop that read this step's decision from
+            ``state.plan`` (see :func:`optax_psf.make_train_step`). It must
+            equal that decision. ``None`` decides inside the step.
           sampling_draw: For tests that replay recorded runs: the uniform draw
             in ``[0, 1)`` the policy uses at this step instead of one drawn
-            from ``state.key``. Training code leaves it ``None``.
+            from ``state.key``. Training code leaves it ``None``; with it,
+            ``state.plan`` no longer predicts the decisions.
           **extra_args: Extra arguments of other transformations in a chain,
             ignored.
         """
@@ -125,13 +158,17 @@ def psf_reuse(
                 f"update() needs a gradient function passed as grad_fn=, got"
                 f" {grad_fn!r}. Expected signature: {GRAD_FN_SIGNATURE}."
             )
+        check_grad_fn_signature(grad_fn)
         if params is None:
             raise ValueError("update() needs params: the perturbation is taken at them.")
+        if planned_sample not in (None, True, False):
+            raise TypeError(f"planned_sample must be None, True or False, got {planned_sample!r}.")
         mask = resolve_mask(stats_mask, params)
         grads = updates
 
-        key, draw_key = jax.random.split(state.key)
-        u = jax.random.uniform(draw_key) if sampling_draw is None else sampling_draw
+        key, u = policy_lib.split_draw(state.key)
+        if sampling_draw is not None:
+            u = sampling_draw
         sample, policy_state = policy.decide(
             state.policy, state.statistics, jnp.asarray(u, jnp.float32)
         )
@@ -153,9 +190,12 @@ def psf_reuse(
             direction, reuse_state = reuse.apply(state.reuse, grads)
             return direction, state.statistics, reuse_state
 
-        # Outside jit (or with a fixed policy) the decision is known in Python:
-        # run one branch directly rather than compiling a conditional per call.
+        # With a fixed policy, a planned step, or outside jit, the decision is
+        # known in Python: run one branch rather than compiling a conditional.
         take_sample = policy.static_decision
+        if take_sample is None and planned_sample is not None:
+            take_sample = planned_sample
+            sample = jnp.asarray(planned_sample)
         if take_sample is None and not isinstance(sample, jax.core.Tracer):
             take_sample = bool(sample)
 
@@ -168,15 +208,38 @@ def psf_reuse(
         else:
             direction, statistics, reuse_state = reuse_cached_psf()
 
+        count = optax.safe_increment(state.count)
+        plan, plan_start, plan_length = refresh_plan(state, count, policy_state, statistics, key)
         return direction, PsfReuseState(
-            count=optax.safe_increment(state.count),
+            count=count,
             second_gradients=state.second_gradients + sample.astype(jnp.int32),
             target_rate=jnp.asarray(policy.target_rate(policy_state), jnp.float32),
             policy=policy_state,
             statistics=statistics,
             reuse=reuse_state,
             key=key,
+            plan=plan,
+            plan_start=plan_start,
+            plan_length=plan_length,
         )
+
+    def refresh_plan(state, count, policy_state, statistics, key):
+        """Plans the next steps once the current plan is used up."""
+
+        def new_plan():
+            plan, length = policy_lib.plan_decisions(policy, policy_state, statistics, key, window)
+            return plan, count, length
+
+        def current_plan():
+            return state.plan, state.plan_start, state.plan_length
+
+        if policy.static_decision is not None:
+            # A fixed policy's plan holds for every step: move its start along.
+            return state.plan, count, state.plan_length
+        used_up = count >= state.plan_start + state.plan_length
+        if isinstance(used_up, jax.core.Tracer):
+            return jax.lax.cond(used_up, new_plan, current_plan)
+        return new_plan() if used_up else current_plan()
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -221,7 +284,9 @@ def vsam(
       max_rate: Largest fraction of a window that samples, in ``(0, 1]``.
       alpha: ``(alpha_ratio, alpha_variance)``: sensitivity of the sampling
         rate to the relative change of ``||psf|| / ||g||`` and of the PSF-norm
-        variance. The authors' training script uses ``(0.13, 0.13)``.
+        variance. Any finite numbers; a negative value makes the rate fall
+        when that statistic grows. The authors' training script uses
+        ``(0.13, 0.13)``.
       beta: Decay of the cached PSF's weight per reuse, in ``(0, 1)``.
       max_reuse: Skipped steps after a sample that reuse the cached PSF.
       warmup_steps: Steps at the start that all sample. The authors warm up
@@ -283,6 +348,21 @@ def sam(
         reuse=reuse_lib.no_reuse(),
         stats_mask=stats_mask,
     )
+
+
+def check_grad_fn_signature(grad_fn: Callable[..., Any]) -> None:
+    """Raises if ``grad_fn`` cannot be called with ``(params, i)``."""
+    try:
+        signature = inspect.signature(grad_fn)
+    except (TypeError, ValueError):
+        return  # Some callables have no signature to inspect; trust them.
+    try:
+        signature.bind(None, 0)
+    except TypeError:
+        raise TypeError(
+            f"grad_fn must accept two positional arguments (params, i), got a callable with"
+            f" signature {signature}. Expected signature: {GRAD_FN_SIGNATURE}."
+        ) from None
 
 
 def check_window_blocks(window: int, blocks: int) -> None:

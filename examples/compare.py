@@ -1,0 +1,257 @@
+"""Train one model with SGD, SAM and vSAM side by side and compare them.
+
+Every optimizer starts from the same initialization and sees the same data
+order and learning-rate schedule. The script prints a table, and writes
+``results.json`` and ``figure.png`` into ``--out``. Example:
+
+    python examples/compare.py --dataset mnist1d --epochs 60 --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import pathlib
+import platform
+import sys
+
+import datasets
+import jax
+import models
+import numpy as np
+import plotting
+import training
+
+logger = logging.getLogger("compare")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Train SGD, SAM and vSAM on the same model and data and compare them.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--dataset",
+        choices=datasets.DATASETS,
+        default="mnist1d",
+        help="data set; mnist1d and digits are generated or bundled locally",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="directory with the CIFAR python-pickle batches (cifar only)",
+    )
+    parser.add_argument(
+        "--num-samples",
+        type=int,
+        default=None,
+        help="MNIST-1D examples to generate, train and test together (default: the package's 5000)",
+    )
+    parser.add_argument(
+        "--model", choices=models.MODELS, default=None, help="network; default depends on --dataset"
+    )
+    parser.add_argument(
+        "--optimizers",
+        nargs="+",
+        choices=training.OPTIMIZERS,
+        default=list(training.OPTIMIZERS),
+        help="optimizers to train",
+    )
+    parser.add_argument("--epochs", type=int, default=60, help="passes over the training set")
+    parser.add_argument("--batch-size", type=int, default=128, help="examples per step")
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=0.05,
+        help="peak learning rate of the cosine schedule",
+    )
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    parser.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="seeds of initialization, data order and vSAM draws; one run each",
+    )
+    parser.add_argument(
+        "--rho",
+        type=float,
+        default=0.05,
+        help="SAM/vSAM perturbation radius (L2 norm in parameter space)",
+    )
+    vsam = parser.add_argument_group("vSAM")
+    vsam.add_argument("--window", type=int, default=50, help="controller window, in steps")
+    vsam.add_argument("--blocks", type=int, default=5, help="blocks of the sorted PSF-norm history")
+    vsam.add_argument(
+        "--max-rate", type=float, default=0.8, help="max fraction of a window's steps that sample"
+    )
+    vsam.add_argument(
+        "--alpha",
+        type=float,
+        nargs=2,
+        default=[0.13, 0.13],
+        metavar=("RATIO", "VARIANCE"),
+        help="sensitivity of the sampling rate to the two relative changes",
+    )
+    vsam.add_argument("--beta", type=float, default=0.7, help="decay of the cached PSF per reuse")
+    vsam.add_argument(
+        "--max-reuse", type=int, default=6, help="skipped steps after a sample that reuse the PSF"
+    )
+    vsam.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help="steps at the start that all sample (default: one window)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 4 epochs on 2000 MNIST-1D examples, one seed",
+    )
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=None,
+        help="output directory (default: runs/compare-<dataset>-<time>)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.epochs = 4
+        args.seeds = args.seeds[:1]
+        if args.dataset == "mnist1d" and args.num_samples is None:
+            args.num_samples = 2500
+    if args.out is None:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        args.out = pathlib.Path("runs") / f"compare-{args.dataset}-{stamp}"
+    return args
+
+
+def vsam_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "window": args.window,
+        "blocks": args.blocks,
+        "max_rate": args.max_rate,
+        "alpha": tuple(args.alpha),
+        "beta": args.beta,
+        "max_reuse": args.max_reuse,
+        "warmup_steps": args.warmup_steps,
+    }
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Returns means over seeds, their standard deviations and the runs."""
+    keys = (
+        "test_accuracy",
+        "train_loss",
+        "wall_time_s",
+        "compile_time_s",
+        "time_per_epoch_s",
+        "grad_evals",
+        "sample_fraction",
+    )
+    summary = {key: float(np.mean([run[key] for run in runs])) for key in keys}
+    summary.update({f"{key}_std": float(np.std([run[key] for run in runs])) for key in keys})
+    summary["seeds"] = [run["seed"] for run in runs]
+    summary["runs"] = runs
+    return summary
+
+
+def format_table(results: dict) -> str:
+    header = (
+        f"{'optimizer':<9} {'test acc %':>12} {'train loss':>10} {'train s':>8} "
+        f"{'compile s':>9} {'s/epoch':>8} {'grad evals':>10} {'sampled':>8}"
+    )
+    lines = [header, "-" * len(header)]
+    for name, result in results.items():
+        accuracy = f"{100 * result['test_accuracy']:.2f}"
+        if len(result["seeds"]) > 1:
+            accuracy += f"±{100 * result['test_accuracy_std']:.2f}"
+        lines.append(
+            f"{name:<9} {accuracy:>12} {result['train_loss']:>10.4f} "
+            f"{result['wall_time_s']:>8.1f} {result['compile_time_s']:>9.1f} "
+            f"{result['time_per_epoch_s']:>8.3f} {result['grad_evals']:>10.0f} "
+            f"{result['sample_fraction']:>8.3f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    # INFO for this script only; JAX logs its backend probing at INFO.
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+    training.logger.setLevel(logging.INFO)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    dataset = datasets.load_dataset(
+        args.dataset, data_dir=args.data_dir, seed=0, num_samples=args.num_samples
+    )
+    model_name = args.model or models.DEFAULT_MODEL[args.dataset]
+    model = models.build_model(model_name, dataset.num_classes)
+    logger.info(
+        "%s: %d train / %d test examples, model %s, %d epochs, seeds %s",
+        args.dataset,
+        len(dataset.train_labels),
+        len(dataset.test_labels),
+        model_name,
+        args.epochs,
+        args.seeds,
+    )
+
+    runs: dict[str, list[dict]] = {name: [] for name in args.optimizers}
+    for seed in args.seeds:
+        config = training.TrainConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            rho=args.rho,
+            vsam=vsam_kwargs(args),
+            seed=seed,
+        )
+        for name in args.optimizers:
+            logger.info("training %s, seed %d", name, seed)
+            run = training.train(model, dataset, name, config, progress=not args.no_progress)
+            logger.info(
+                "%s seed %d: test accuracy %.4f, %.1f s, %d gradient evaluations",
+                name,
+                seed,
+                run["test_accuracy"],
+                run["wall_time_s"],
+                run["grad_evals"],
+            )
+            runs[name].append(run)
+
+    results = {name: summarize(name_runs) for name, name_runs in runs.items()}
+    table = format_table(results)
+    print(table)
+
+    record = {
+        "command": " ".join(["python", *sys.argv]) if argv is None else argv,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()],
+        },
+        "config": {
+            key: (str(value) if isinstance(value, pathlib.Path) else value)
+            for key, value in vars(args).items()
+        },
+        "dataset": args.dataset,
+        "model": model_name,
+        "optimizers": results,
+    }
+    (args.out / "results.json").write_text(json.dumps(record, indent=2))
+    plotting.plot_comparison(results, args.out / "figure.png", window=args.window)
+    logger.info("wrote %s and %s", args.out / "results.json", args.out / "figure.png")
+    return record
+
+
+if __name__ == "__main__":
+    main()

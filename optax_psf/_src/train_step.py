@@ -1,0 +1,209 @@
+"""Compiled training steps that skip the second gradient the fast way per backend.
+
+Two execution paths give the same trajectory:
+
+- ``"in_graph"``: one compiled step; a ``jax.lax.cond`` inside it takes or
+  skips the second gradient.
+- ``"host"``: two compiled steps, one that always takes the second gradient
+  and one that never does. The host reads the decisions of a whole window from
+  the optimizer state (one device-to-host transfer per window) and calls the
+  matching step.
+
+XLA:CPU compiles the gradient of a convolution inside a conditional into a
+slow generic loop (jax-ml/jax issue 12868), so ``"auto"`` picks ``"host"`` on
+CPU and ``"in_graph"`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+from optax_psf._src import metrics as metrics_lib
+from optax_psf._src.transform import PsfReuseState
+
+PATHS = ("auto", "in_graph", "host")
+
+
+class StepOutput(NamedTuple):
+    """What a training step returns.
+
+    Attributes:
+      params: The updated parameters.
+      opt_state: The updated optimizer state.
+      loss: The loss at the parameters before the update (clean forward pass).
+      model_state: The updated model state, such as BatchNorm statistics, or
+        ``None`` for a loss without one.
+      metrics: :func:`optax_psf.metrics` of the new state, or an empty dict
+        when the optimizer contains no vSAM or SAM transformation.
+    """
+
+    params: optax.Params
+    opt_state: optax.OptState
+    loss: jax.Array
+    model_state: Any
+    metrics: dict[str, jax.Array]
+
+
+def default_path() -> str:
+    """Returns the path ``"auto"`` resolves to on the default backend."""
+    return "host" if jax.default_backend() == "cpu" else "in_graph"
+
+
+def make_train_step(
+    loss_fn: Callable[..., Any],
+    tx: optax.GradientTransformation,
+    *,
+    has_model_state: bool = False,
+    path: str = "auto",
+    donate: bool = False,
+) -> TrainStep:
+    """Builds a compiled training step for ``tx``, using the fastest path.
+
+    The step computes the loss and clean gradient, builds ``grad_fn`` from the
+    same loss and batch, applies ``tx`` and returns the new parameters.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> loss`` or, with ``has_model_state``,
+        ``loss_fn(params, model_state, batch) -> (loss, new_model_state)``.
+        For the second gradient the model state of the clean pass is used and
+        the new one is dropped, so BatchNorm statistics follow only the clean
+        forward passes.
+      tx: An optax transformation, typically
+        ``optax.chain(optax_psf.vsam(...), optimizer)``.
+      has_model_state: Whether ``loss_fn`` takes and returns a model state.
+      path: ``"in_graph"``, ``"host"`` or ``"auto"`` (``"host"`` on CPU,
+        ``"in_graph"`` on other backends).
+      donate: Whether to donate the parameters, optimizer state and model
+        state to the step, so their buffers are reused. The arrays passed in
+        must not be used afterwards.
+
+    Returns:
+      A :class:`TrainStep`, called as
+      ``step(params, opt_state, batch, model_state=None) -> StepOutput``.
+
+    Raises:
+      ValueError: If ``path`` is not one of ``"auto"``, ``"in_graph"`` or
+        ``"host"``.
+    """
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}.")
+    return TrainStep(
+        loss_fn, tx, has_model_state, default_path() if path == "auto" else path, donate
+    )
+
+
+class TrainStep:
+    """A training step built by :func:`make_train_step`.
+
+    Attributes:
+      path: ``"in_graph"`` or ``"host"``, the path in use.
+      plan_reads: Number of device-to-host reads of the plan so far (host path).
+    """
+
+    def __init__(self, loss_fn, tx, has_model_state: bool, path: str, donate: bool):
+        self.path = path
+        self.plan_reads = 0
+        self._loss_fn = loss_fn
+        self._tx = tx
+        self._has_model_state = has_model_state
+        donate_argnums = (0, 1, 3) if donate else ()
+
+        def compile_step(planned_sample):
+            step = functools.partial(self._step, planned_sample=planned_sample)
+            return jax.jit(step, donate_argnums=donate_argnums)
+
+        self._in_graph_step = compile_step(None)
+        self._sample_step = compile_step(True)
+        self._skip_step = compile_step(False)
+        self._plan: Any = None
+        self._plan_index = 0
+        self._expected_count: Any = None
+
+    def __call__(self, params, opt_state, batch, model_state=None) -> StepOutput:
+        """Runs one training step; see :func:`make_train_step`."""
+        psf_state = _find_state_or_none(opt_state)
+        if self.path == "in_graph" or psf_state is None:
+            return self._in_graph_step(params, opt_state, batch, model_state)
+
+        # Any state other than the one this step returned last (a restored
+        # checkpoint, say) invalidates the cached plan.
+        if psf_state.count is not self._expected_count or self._plan_index >= len(self._plan):
+            self._read_plan(psf_state)
+        take_sample = bool(self._plan[self._plan_index])
+        self._plan_index += 1
+
+        step = self._sample_step if take_sample else self._skip_step
+        output = step(params, opt_state, batch, model_state)
+        self._expected_count = metrics_lib.find_state(output.opt_state).count
+        return output
+
+    def compile(self, params, opt_state, batch, model_state=None) -> float:
+        """Compiles the step ahead of time for arguments shaped like these.
+
+        Later calls with arguments of the same shapes and dtypes run without
+        compiling, so the first step's time is not inflated by compilation.
+
+        Returns:
+          The compilation time in seconds.
+        """
+        start = time.perf_counter()
+        args = (params, opt_state, batch, model_state)
+        if self.path == "in_graph" or _find_state_or_none(opt_state) is None:
+            self._in_graph_step = self._in_graph_step.lower(*args).compile()
+        else:
+            self._sample_step = self._sample_step.lower(*args).compile()
+            self._skip_step = self._skip_step.lower(*args).compile()
+        return time.perf_counter() - start
+
+    def reset(self) -> None:
+        """Drops the cached plan, so that the next call reads it from the state."""
+        self._plan = None
+        self._expected_count = None
+
+    def _read_plan(self, psf_state: PsfReuseState) -> None:
+        plan, start, length, count = jax.device_get(
+            (psf_state.plan, psf_state.plan_start, psf_state.plan_length, psf_state.count)
+        )
+        self.plan_reads += 1
+        # The state always plans the step it is about to take, so count
+        # lies in [start, start + length).
+        self._plan = plan[: int(length)]
+        self._plan_index = int(count) - int(start)
+
+    def _step(self, params, opt_state, batch, model_state, *, planned_sample):
+        if self._has_model_state:
+
+            def clean_loss(p):
+                return self._loss_fn(p, model_state, batch)
+
+            (loss, new_model_state), grads = jax.value_and_grad(clean_loss, has_aux=True)(params)
+
+            def grad_fn(perturbed_params, _):
+                return jax.grad(lambda p: clean_loss(p)[0])(perturbed_params)
+
+        else:
+            loss, grads = jax.value_and_grad(self._loss_fn)(params, batch)
+            new_model_state = None
+
+            def grad_fn(perturbed_params, _):
+                return jax.grad(self._loss_fn)(perturbed_params, batch)
+
+        extra = {} if planned_sample is None else {"planned_sample": planned_sample}
+        updates, opt_state = self._tx.update(grads, opt_state, params, grad_fn=grad_fn, **extra)
+        params = optax.apply_updates(params, updates)
+        psf_state = _find_state_or_none(opt_state)
+        metrics = {} if psf_state is None else metrics_lib.metrics(psf_state)
+        return StepOutput(params, opt_state, loss, new_model_state, metrics)
+
+
+def _find_state_or_none(opt_state: Any) -> PsfReuseState | None:
+    try:
+        return metrics_lib.find_state(opt_state)
+    except ValueError:
+        return None
