@@ -75,7 +75,7 @@ def plot_comparison(results: dict, path: pathlib.Path, window: int) -> None:
         rate_axis.legend(
             handles[0] + norm_handles[0],
             handles[1] + norm_handles[1],
-            loc="upper left",
+            loc="center right",
             fontsize="small",
         )
         rate_axis.set_title("vSAM controller")

@@ -68,3 +68,20 @@ def test_state_can_be_donated():
     for _ in range(3):
         _, state = step(params, state)
     assert int(optax_psf.metrics(state)["steps"]) == 3
+
+
+@pytest.mark.parametrize("window", [10, 100])
+def test_state_overhead_is_one_psf_buffer(window):
+    params = {"kernel": jnp.ones((64, 32)), "bias": jnp.ones(32, jnp.bfloat16)}
+    base = optax.sgd(0.1, momentum=0.9)
+    vsam = optax.chain(optax_psf.vsam(window=window, blocks=2), base)
+
+    def state_bytes(state):
+        return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
+
+    param_bytes = state_bytes(params)
+    overhead = state_bytes(vsam.init(params)) - state_bytes(base.init(params))
+    # One PSF buffer in the parameters' dtypes. Per window step: three float32
+    # histories and the bool plan (13 bytes). Then 14 four-byte scalars and
+    # the 8-byte PRNG key.
+    assert overhead - param_bytes == 13 * window + 64
