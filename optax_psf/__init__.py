@@ -12,11 +12,18 @@ from optax_psf._src.policy import (
 from optax_psf._src.reuse import DecayedPsfState, ReuseRule, decayed_psf, no_reuse
 from optax_psf._src.statistics import PsfStatistics
 from optax_psf._src.train_step import StepOutput, TrainStep, default_path, make_train_step
-from optax_psf._src.transform import PsfReuseState, psf_reuse, sam, vsam
+from optax_psf._src.transform import (
+    STATIC_HYPERPARAMETERS,
+    PsfReuseState,
+    psf_reuse,
+    sam,
+    vsam,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "STATIC_HYPERPARAMETERS",
     "DecayedPsfState",
     "Perturbation",
     "PsfReuseState",

@@ -179,3 +179,25 @@ def test_plain_optimizer_uses_single_step():
     output = step(jnp.ones(3), optax.sgd(0.1).init(jnp.ones(3)), jnp.ones(3))
     np.testing.assert_allclose(output.params, 0.9 * np.ones(3))
     assert output.metrics == {}
+
+
+def test_host_path_warns_when_a_step_is_rolled_back(caplog):
+    model = SmallMLP()
+    batches = make_batches(30)
+    params = model.init(jax.random.PRNGKey(0), batches[0][0])["params"]
+
+    def loss_fn(params, batch):
+        x, y = batch
+        logits = model.apply({"params": params}, x)
+        # A non-finite loss on step 12 makes apply_if_finite keep the old state.
+        scale = jnp.where(jnp.all(x == batches[12][0]), jnp.nan, 1.0)
+        return scale * optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    tx = optax.apply_if_finite(vsam_chain(), max_consecutive_errors=3)
+    step = optax_psf.make_train_step(loss_fn, tx, path="host")
+    opt_state = tx.init(params)
+    with caplog.at_level("WARNING", logger="optax_psf._src.train_step"):
+        for batch in batches:
+            params, opt_state = step(params, opt_state, batch)[:2]
+    assert int(opt_state.total_notfinite) == 1
+    assert "did not advance" in caplog.text

@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_psf._src import tree_math
@@ -55,8 +56,16 @@ def sam_perturbation(rho: float) -> Perturbation:
     return Perturbation(apply=apply)
 
 
-def check_rho(rho: float) -> None:
-    """Raises if ``rho`` is not a finite, non-negative number."""
+def check_rho(rho: float | jax.Array) -> None:
+    """Raises if ``rho`` is not a finite, non-negative number.
+
+    A scalar array is accepted, as ``optax.inject_hyperparams`` passes one; its
+    value is checked unless it is traced.
+    """
+    if isinstance(rho, (jax.Array, np.ndarray)) and rho.ndim == 0:
+        if isinstance(rho, jax.core.Tracer):
+            return
+        rho = float(rho)
     if isinstance(rho, bool) or not isinstance(rho, numbers.Real):
         raise TypeError(
             f"rho must be a finite number >= 0, got {rho!r} of type {type(rho).__name__}."

@@ -53,7 +53,9 @@ class DecayedPsfState(NamedTuple):
     reuses: jax.Array
 
 
-def decayed_psf(beta: float = 0.7, max_reuse: int = 6) -> ReuseRule:
+def decayed_psf(
+    beta: float = 0.7, max_reuse: int = 6, *, psf_dtype: Any | None = None
+) -> ReuseRule:
     """Builds vSAM's reuse rule: ``g + beta**k * psf`` for ``k = 1..max_reuse``.
 
     After ``max_reuse`` reuses the skipped steps descend along ``g`` until the
@@ -62,6 +64,8 @@ def decayed_psf(beta: float = 0.7, max_reuse: int = 6) -> ReuseRule:
     Args:
       beta: Decay of the cached PSF's weight per reuse, in ``(0, 1)``.
       max_reuse: Number of skipped steps after a sample that reuse the PSF.
+      psf_dtype: dtype of the cached PSF, for example ``jnp.bfloat16`` to halve
+        its memory. ``None`` keeps each parameter's dtype.
 
     Returns:
       A :class:`ReuseRule` whose state is a :class:`DecayedPsfState`.
@@ -71,10 +75,17 @@ def decayed_psf(beta: float = 0.7, max_reuse: int = 6) -> ReuseRule:
     """
     check_beta(beta)
     check_max_reuse(max_reuse)
+    if psf_dtype is not None:
+        try:
+            psf_dtype = jnp.dtype(psf_dtype)
+        except TypeError:
+            raise TypeError(f"psf_dtype must be a dtype or None, got {psf_dtype!r}.") from None
+        if not jnp.issubdtype(psf_dtype, jnp.floating):
+            raise ValueError(f"psf_dtype must be a floating dtype, got {psf_dtype}.")
 
     def init(params):
         return DecayedPsfState(
-            psf=jax.tree.map(jnp.zeros_like, params),
+            psf=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=psf_dtype), params),
             weight=jnp.zeros((), jnp.float32),
             # Nothing is cached yet, so the count starts exhausted.
             reuses=jnp.full((), max_reuse, jnp.int32),

@@ -17,6 +17,7 @@ CPU and ``"in_graph"`` elsewhere.
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -29,6 +30,8 @@ from optax_psf._src import metrics as metrics_lib
 from optax_psf._src.transform import PsfReuseState
 
 PATHS = ("auto", "in_graph", "host")
+
+logger = logging.getLogger(__name__)
 
 
 class StepOutput(NamedTuple):
@@ -126,6 +129,8 @@ class TrainStep:
         self._plan_index = 0
         self._last_opt_state: Any = None
         self._has_psf_state: bool | None = None
+        self._count_at_read = 0
+        self._index_at_read = 0
 
     def __call__(self, params, opt_state, batch, model_state=None) -> StepOutput:
         """Runs one training step; see :func:`make_train_step`."""
@@ -137,8 +142,9 @@ class TrainStep:
 
         # Any state other than the one this step returned last (a restored
         # checkpoint, say) invalidates the cached plan.
-        if opt_state is not self._last_opt_state or self._plan_index >= len(self._plan):
-            self._read_plan(metrics_lib.find_state(opt_state))
+        continues = opt_state is self._last_opt_state
+        if not continues or self._plan_index >= len(self._plan):
+            self._read_plan(metrics_lib.find_state(opt_state), continues)
         take_sample = bool(self._plan[self._plan_index])
         self._plan_index += 1
 
@@ -172,15 +178,28 @@ class TrainStep:
         self._plan = None
         self._last_opt_state = None
 
-    def _read_plan(self, psf_state: PsfReuseState) -> None:
+    def _read_plan(self, psf_state: PsfReuseState, continues: bool) -> None:
         plan, start, length, count = jax.device_get(
             (psf_state.plan, psf_state.plan_start, psf_state.plan_length, psf_state.count)
         )
         self.plan_reads += 1
+        if continues and int(count) != self._count_at_read + self._plan_index - self._index_at_read:
+            # NOTE: a wrapper such as optax.apply_if_finite kept the old state
+            # on some step, so the steps since the last read followed the plan
+            # one or more steps ahead of the state. The in-graph path is exact.
+            logger.warning(
+                "The optimizer state did not advance on every step since the last plan"
+                " read (count %d, expected %d); decisions in between may differ from"
+                " path='in_graph'.",
+                int(count),
+                self._count_at_read + self._plan_index - self._index_at_read,
+            )
         # The state always plans the step it is about to take, so count
         # lies in [start, start + length).
         self._plan = plan[: int(length)]
         self._plan_index = int(count) - int(start)
+        self._count_at_read = int(count)
+        self._index_at_read = self._plan_index
 
     def _step(self, params, opt_state, batch, model_state, *, planned_sample):
         if self._has_model_state:

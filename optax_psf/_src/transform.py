@@ -21,6 +21,22 @@ from optax_psf._src import tree_math
 GradFn = Callable[[optax.Params, int], optax.Updates]
 StatsMask = Any  # A pytree of bools, or a callable from params to one.
 
+# Hyperparameters of vsam that fix shapes or Python-side control flow. Pass
+# them as static_args to optax.inject_hyperparams, which can then schedule rho.
+STATIC_HYPERPARAMETERS = (
+    "window",
+    "blocks",
+    "max_rate",
+    "alpha",
+    "beta",
+    "max_reuse",
+    "warmup_steps",
+    "stats_mask",
+    "psf_dtype",
+    "axis_name",
+    "seed",
+)
+
 GRAD_FN_SIGNATURE = (
     "grad_fn(params, i) -> grads, for example"
     " grad_fn = jax.grad(lambda params, _: loss_fn(params, batch))"
@@ -69,6 +85,7 @@ def psf_reuse(
     window: int = 50,
     blocks: int = 5,
     stats_mask: StatsMask | None = None,
+    axis_name: str | None = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """Builds a sharpness-aware transformation that takes ``g_sam`` only on some steps.
@@ -92,6 +109,11 @@ def psf_reuse(
       stats_mask: Selects the parameters whose norms feed the statistics: a
         pytree of bools with the structure of the parameters, or a callable
         that maps the parameters to one. ``None`` selects all of them.
+      axis_name: Under ``jax.pmap`` or ``shard_map``, the name of the axis that
+        splits the batch. ``g_sam`` is averaged over it with
+        ``jax.lax.pmean``, as is the pair of norms that feeds the statistics,
+        so every device takes the same decisions. The clean gradient passed
+        to ``update`` must already be averaged over the axis.
       seed: Seed of the PRNG key of the policy's uniform draws.
 
     Returns:
@@ -103,14 +125,17 @@ def psf_reuse(
         raise TypeError(f"seed must be an int, got {seed!r}.")
     if stats_mask is not None and not callable(stats_mask):
         _check_mask_leaves(stats_mask)
+    if axis_name is not None and not isinstance(axis_name, str):
+        raise TypeError(f"axis_name must be a str or None, got {axis_name!r}.")
 
     def init_fn(params):
+        check_not_masked(params)
         resolve_mask(stats_mask, params)
         policy_state = policy.init()
         statistics = stats_lib.init_statistics(window)
         key = jax.random.PRNGKey(seed)
         plan, plan_length = policy_lib.plan_decisions(policy, policy_state, statistics, key, window)
-        return PsfReuseState(
+        state = PsfReuseState(
             count=jnp.zeros((), jnp.int32),
             second_gradients=jnp.zeros((), jnp.int32),
             target_rate=jnp.asarray(policy.target_rate(policy_state), jnp.float32),
@@ -122,6 +147,9 @@ def psf_reuse(
             plan_start=jnp.zeros((), jnp.int32),
             plan_length=plan_length,
         )
+        # The PSF cache follows the parameters' shardings; the rest is small
+        # and is replicated over the parameters' mesh.
+        return replicate_over_mesh_of(params, state)
 
     def update_fn(
         updates,
@@ -161,6 +189,7 @@ def psf_reuse(
         check_grad_fn_signature(grad_fn)
         if params is None:
             raise ValueError("update() needs params: the perturbation is taken at them.")
+        check_not_masked(params)
         if planned_sample not in (None, True, False):
             raise TypeError(f"planned_sample must be None, True or False, got {planned_sample!r}.")
         mask = resolve_mask(stats_mask, params)
@@ -176,14 +205,16 @@ def psf_reuse(
         def take_second_gradient():
             perturbed = perturbation.apply(params, grads)
             grads_sam = grad_fn(perturbed, 0)
+            if axis_name is not None:
+                grads_sam = jax.lax.pmean(grads_sam, axis_name)
             grads_sam = jax.tree.map(lambda gs, g: gs.astype(g.dtype), grads_sam, grads)
             psf = jax.tree.map(jnp.subtract, grads_sam, grads)
-            statistics = stats_lib.record_sample(
-                state.statistics,
-                tree_math.masked_norm(psf, mask),
-                tree_math.masked_norm(grads, mask),
-                blocks,
-            )
+            norms = (tree_math.masked_norm(psf, mask), tree_math.masked_norm(grads, mask))
+            if axis_name is not None:
+                # Equal on every device when the clean gradient was averaged;
+                # averaging guards the decisions against rounding differences.
+                norms = jax.lax.pmean(norms, axis_name)
+            statistics = stats_lib.record_sample(state.statistics, *norms, blocks)
             return grads_sam, statistics, reuse.store(state.reuse, psf)
 
         def reuse_cached_psf():
@@ -255,6 +286,8 @@ def vsam(
     max_reuse: int = 6,
     warmup_steps: int | None = None,
     stats_mask: StatsMask | None = None,
+    psf_dtype: Any | None = None,
+    axis_name: str | None = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
     """vSAM: SAM that takes the second gradient only on some steps.
@@ -295,6 +328,10 @@ def vsam(
       stats_mask: Parameters whose norms feed the controller: a pytree of bools
         matching the parameters, or a callable mapping the parameters to one.
         ``None`` selects all parameters.
+      psf_dtype: dtype of the cached PSF, for example ``jnp.bfloat16`` to halve
+        its memory. ``None`` keeps each parameter's dtype.
+      axis_name: Name of the ``pmap`` or ``shard_map`` axis that splits the
+        batch; see :func:`psf_reuse`.
       seed: Seed of the controller's random draws.
 
     Returns:
@@ -309,21 +346,34 @@ def vsam(
       for Accelerating Sharpness aware Minimization
       <https://arxiv.org/abs/2403.08821>`_, 2024
     """
+    window, blocks, max_rate, beta, max_reuse, warmup_steps, seed = (
+        static_hyperparameter(name, value)
+        for name, value in (
+            ("window", window),
+            ("blocks", blocks),
+            ("max_rate", max_rate),
+            ("beta", beta),
+            ("max_reuse", max_reuse),
+            ("warmup_steps", warmup_steps),
+            ("seed", seed),
+        )
+    )
     return psf_reuse(
         policy=policy_lib.vsam_policy(
             window, max_rate=max_rate, alpha=alpha, warmup_steps=warmup_steps
         ),
         perturbation=perturbation_lib.sam_perturbation(rho),
-        reuse=reuse_lib.decayed_psf(beta, max_reuse),
+        reuse=reuse_lib.decayed_psf(beta, max_reuse, psf_dtype=psf_dtype),
         window=window,
         blocks=blocks,
         stats_mask=stats_mask,
+        axis_name=axis_name,
         seed=seed,
     )
 
 
 def sam(
-    rho: float = 0.05, *, stats_mask: StatsMask | None = None
+    rho: float = 0.05, *, stats_mask: StatsMask | None = None, axis_name: str | None = None
 ) -> optax.GradientTransformationExtraArgs:
     """SAM as a transformation that takes the second gradient on every step.
 
@@ -334,6 +384,9 @@ def sam(
       rho: Radius of the perturbation ``rho * g / ||g||``.
       stats_mask: Parameters whose norms feed the logged PSF statistics; see
         :func:`vsam`.
+      axis_name: Name of the ``pmap`` or ``shard_map`` axis that splits the
+        batch; ``g_sam`` is averaged over it, as ``optax.contrib.sam`` does with
+        ``batch_axis_name``.
 
     Returns:
       An :class:`optax.GradientTransformationExtraArgs` that returns ``g_sam``.
@@ -347,7 +400,26 @@ def sam(
         perturbation=perturbation_lib.sam_perturbation(rho),
         reuse=reuse_lib.no_reuse(),
         stats_mask=stats_mask,
+        axis_name=axis_name,
     )
+
+
+def static_hyperparameter(name: str, value: Any) -> Any:
+    """Returns ``value`` as a Python number if it is a concrete scalar array.
+
+    Raises:
+      TypeError: If ``value`` is traced, as when ``optax.inject_hyperparams``
+        injects it: only ``rho`` may change from step to step.
+    """
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} cannot be injected or scheduled, only rho can. With"
+            " optax.inject_hyperparams, pass"
+            " static_args=optax_psf.STATIC_HYPERPARAMETERS."
+        )
+    if isinstance(value, (jax.Array, np.ndarray)) and value.ndim == 0:
+        return value.item()
+    return value
 
 
 def check_grad_fn_signature(grad_fn: Callable[..., Any]) -> None:
@@ -363,6 +435,49 @@ def check_grad_fn_signature(grad_fn: Callable[..., Any]) -> None:
             f"grad_fn must accept two positional arguments (params, i), got a callable with"
             f" signature {signature}. Expected signature: {GRAD_FN_SIGNATURE}."
         ) from None
+
+
+def replicate_over_mesh_of(params: optax.Params, state: Any) -> Any:
+    """Replicates the leaves of ``state`` that lack a ``NamedSharding`` over the
+    mesh of the sharded ``params``.
+
+    Leaves that already have one, like the PSF cache built with ``zeros_like``
+    from sharded parameters, keep it. Returns ``state`` unchanged when no
+    parameter has a ``NamedSharding``, including under ``jax.jit``, where the
+    caller chooses shardings.
+    """
+
+    def named_sharding(leaf):
+        concrete = isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+        if concrete and isinstance(leaf.sharding, jax.sharding.NamedSharding):
+            return leaf.sharding
+        return None
+
+    shardings = [s for s in map(named_sharding, jax.tree.leaves(params)) if s is not None]
+    if not shardings:
+        return state
+    replicated = jax.sharding.NamedSharding(shardings[0].mesh, jax.sharding.PartitionSpec())
+    return jax.tree.map(
+        lambda leaf: leaf if named_sharding(leaf) else jax.device_put(leaf, replicated), state
+    )
+
+
+def check_not_masked(params: optax.Params) -> None:
+    """Raises if ``params`` comes from ``optax.masked`` or ``optax.multi_transform``.
+
+    Those wrappers hide the other parameters from the inner transformation, so
+    the perturbation and ``grad_fn`` would see only part of the model.
+    """
+    leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+    if any(isinstance(leaf, optax.MaskedNode) for leaf in leaves):
+        raise ValueError(
+            "optax_psf transformations cannot run inside optax.masked or"
+            " optax.multi_transform: they must see every parameter to perturb the"
+            " model and call grad_fn. Put vsam or sam first in the chain and freeze"
+            " parameters in the optimizer after it, for example"
+            " optax.chain(optax_psf.vsam(), optax.multi_transform({'train': optax.sgd(0.1),"
+            " 'frozen': optax.set_to_zero()}, labels))."
+        )
 
 
 def check_window_blocks(window: int, blocks: int) -> None:
