@@ -37,7 +37,7 @@ logger = logging.getLogger("accuracy")
 # run has 1860 steps, only 37 windows of 50, so the rate stays near its floor
 # of 2% and vSAM lands between SGD and SAM. A window of 10 gives 186 windows,
 # enough for the rate to adapt, but it then climbs to its cap; max_rate=0.2
-# holds it at 2 samples per 10 steps, about 0.6x SAM's gradient evaluations.
+# caps it at 2 samples per 10 steps, about 0.6x SAM's gradient evaluations.
 TUNED_VSAM = {"window": 10, "blocks": 5, "max_rate": 0.2}
 
 VARIANTS = {
@@ -95,7 +95,8 @@ def describe(values: list[float]) -> dict:
 def difference(a: dict, b: dict, n: int) -> dict:
     """Mean of ``a - b`` over seeds and its standard error, both in accuracy units."""
     diffs = np.asarray(a["per_seed"]) - np.asarray(b["per_seed"])
-    error = float(np.std(diffs, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    # One seed has no spread; None keeps the JSON valid where NaN would not be.
+    error = float(np.std(diffs, ddof=1) / math.sqrt(n)) if n > 1 else None
     return {"mean": float(np.mean(diffs)), "standard_error": error}
 
 
@@ -164,10 +165,9 @@ def main() -> None:
         )
     for name, value in comparisons.items():
         if isinstance(value, dict):
-            print(
-                f"{name}: {100 * value['mean']:+.2f} points "
-                f"(standard error {100 * value['standard_error']:.2f})"
-            )
+            error = value["standard_error"]
+            spread = f"standard error {100 * error:.2f}" if error is not None else "one seed"
+            print(f"{name}: {100 * value['mean']:+.2f} points ({spread})")
         else:
             print(f"{name}: {value:.3f}")
 

@@ -1,8 +1,9 @@
 """Train one model with SGD, SAM and vSAM side by side and compare them.
 
 Every optimizer starts from the same initialization and sees the same data
-order and learning-rate schedule. The script prints a table, and writes
-``results.json`` and ``figure.png`` into ``--out``. Example:
+order and learning-rate schedule. Their epochs alternate, so a slow spell of
+the machine affects each alike. The script prints a table, and
+writes ``results.json`` and ``figure.png`` into ``--out``. Example:
 
     python examples/compare.py --dataset mnist1d --epochs 60 --seeds 0 1 2
 """
@@ -31,7 +32,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except for options whose default is chosen at run time."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False):
+        if action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
 
@@ -59,7 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="MNIST-1D examples to generate, train and test together (default: the package's 5000)",
     )
     parser.add_argument(
-        "--model", choices=models.MODELS, default=None, help="network; default depends on --dataset"
+        "--model",
+        choices=models.MODELS,
+        default=None,
+        help="network (default: cnn1d for mnist1d, digits_cnn for digits, resnet18 for cifar)",
     )
     parser.add_argument(
         "--optimizers",
@@ -68,7 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=list(training.OPTIMIZERS),
         help="optimizers to train",
     )
-    parser.add_argument("--epochs", type=int, default=60, help="passes over the training set")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="passes over the training set (default: 60)"
+    )
     parser.add_argument("--batch-size", type=int, default=128, help="examples per step")
     parser.add_argument(
         "--learning-rate",
@@ -77,7 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="peak learning rate of the cosine schedule",
     )
     parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    parser.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty")
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.0,
+        help="L2 penalty coefficient added to the gradient",
+    )
     parser.add_argument(
         "--seeds",
         type=int,
@@ -131,7 +142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run: 4 epochs, one seed, and for mnist1d 2500 generated examples",
+        help="smoke run: 4 epochs unless --epochs is given, the first seed only, and for"
+        " mnist1d 2500 generated examples",
     )
     parser.add_argument(
         "--out",
@@ -141,8 +153,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 4 if args.quick else 60
     if args.quick:
-        args.epochs = 4
         args.seeds = args.seeds[:1]
         if args.dataset == "mnist1d" and args.num_samples is None:
             args.num_samples = 2500
@@ -212,11 +225,19 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
     training.logger.setLevel(logging.INFO)
-    args.out.mkdir(parents=True, exist_ok=True)
 
-    dataset = datasets.load_dataset(
-        args.dataset, data_dir=args.data_dir, seed=0, num_samples=args.num_samples
-    )
+    if args.data_dir is not None and not args.dataset.startswith("cifar"):
+        logger.warning("--data-dir is used only for cifar10 and cifar100; ignoring it.")
+    try:
+        dataset = datasets.load_dataset(
+            args.dataset,
+            data_dir=args.data_dir if args.dataset.startswith("cifar") else None,
+            seed=0,
+            num_samples=args.num_samples,
+        )
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"compare.py: error: {error}") from None
+    args.out.mkdir(parents=True, exist_ok=True)
     model_name = args.model or models.DEFAULT_MODEL[args.dataset]
     model = models.build_model(model_name, dataset.num_classes)
     logger.info(
@@ -241,9 +262,11 @@ def main(argv: list[str] | None = None) -> dict:
             vsam=vsam_kwargs(args),
             seed=seed,
         )
-        for name in args.optimizers:
-            logger.info("training %s, seed %d", name, seed)
-            run = training.train(model, dataset, name, config, progress=not args.no_progress)
+        logger.info("training %s side by side, seed %d", ", ".join(args.optimizers), seed)
+        seed_runs = training.train_side_by_side(
+            model, dataset, args.optimizers, config, progress=not args.no_progress
+        )
+        for name, run in seed_runs.items():
             logger.info(
                 "%s seed %d: test accuracy %.4f, %.1f s, %d gradient evaluations",
                 name,

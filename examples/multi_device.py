@@ -52,7 +52,7 @@ def loss_fn(params, x, y):
 
 
 def update(tx, params, opt_state, x, y, axis_name=None, average_loss=False):
-    """One step of ``tx`` on the batch ``(x, y)``.
+    """Runs one step of ``tx`` on the batch ``(x, y)``.
 
     Under ``pmap``, pass ``axis_name`` so the clean gradient is averaged over
     the devices. Under ``shard_map``, pass ``average_loss=True`` as well: the

@@ -284,7 +284,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     params = replicate(init_params, replicated)
     tx = make_optimizer(args.seed)
     # tx.init gives the PSF cache the parameters' sharding and replicates the rest of the
-    # state over their mesh, so train_step sees the same input shardings on every call.
+    # state over their mesh, so train_step gets the same input shardings on every call.
     opt_state = tx.init(params)
 
     def loss_fn(params, images, labels):

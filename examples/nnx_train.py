@@ -10,7 +10,9 @@ chain. Example:
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import sys
 import time
 from typing import Any
 
@@ -67,8 +69,22 @@ def make_tx(name: str, learning_rate: float, rho: float, total_steps: int, seed:
     raise ValueError(f"optimizer must be one of sgd, sam, vsam, got {name!r}.")
 
 
-@nnx.jit
-def train_step(model: CNN1D, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Array):
+@functools.partial(nnx.jit, static_argnames="planned_sample")
+def train_step(
+    model: CNN1D,
+    optimizer: nnx.Optimizer,
+    x: jax.Array,
+    y: jax.Array,
+    planned_sample: bool | None = None,
+):
+    """Runs one step; ``planned_sample`` compiles it without vSAM's conditional.
+
+    ``None`` lets vSAM decide inside the step with ``jax.lax.cond``. ``True``
+    or ``False`` is the decision read ahead from the state by
+    :class:`optax_psf.HostPlan`, which avoids XLA:CPU's slow convolution
+    gradients inside a conditional.
+    """
+
     def loss_fn(model):
         return cross_entropy(model(x), y)
 
@@ -83,7 +99,8 @@ def train_step(model: CNN1D, optimizer: nnx.Optimizer, x: jax.Array, y: jax.Arra
     def grad_fn(params, _):
         return jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest)))(params)
 
-    optimizer.update(model, grads, grad_fn=grad_fn)
+    extra = {} if planned_sample is None else {"planned_sample": planned_sample}
+    optimizer.update(model, grads, grad_fn=grad_fn, **extra)
     return loss
 
 
@@ -102,14 +119,26 @@ def train_nnx(
     rho: float = 0.05,
     batch_norm: bool = False,
     seed: int = 0,
+    path: str = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Trains the NNX CNN and returns per-epoch history and final metrics."""
+    """Trains the NNX CNN and returns per-epoch history and final metrics.
+
+    ``path`` picks how vSAM skips the second gradient, as in
+    :func:`optax_psf.make_train_step`: ``"host"`` reads each window's
+    decisions with :class:`optax_psf.HostPlan`, ``"in_graph"`` decides inside
+    the step, and ``"auto"`` takes ``"host"`` on CPU.
+    """
+    if path == "auto":
+        path = optax_psf.default_path()
+    if path not in ("host", "in_graph"):
+        raise ValueError(f"path must be auto, host or in_graph, got {path!r}.")
     model = CNN1D(dataset.num_classes, batch_norm=batch_norm, rngs=nnx.Rngs(seed))
     steps_per_epoch = len(dataset.train_images) // batch_size
     total_steps = epochs * steps_per_epoch
     tx = make_tx(optimizer_name, learning_rate, rho, total_steps, seed)
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    host_plan = optax_psf.HostPlan() if path == "host" and optimizer_name != "sgd" else None
 
     rng = np.random.default_rng(seed)
     history = []
@@ -118,14 +147,21 @@ def train_nnx(
         model.train()
         order = rng.permutation(len(dataset.train_images))
         losses = []
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", leave=False, disable=not progress)
+        bar = tqdm(
+            range(steps_per_epoch),
+            desc=f"epoch {epoch}",
+            leave=False,
+            disable=not (progress and sys.stderr.isatty()),
+        )
         for b in bar:
             index = order[b * batch_size : (b + 1) * batch_size]
-            losses.append(
-                train_step(
-                    model, optimizer, dataset.train_images[index], dataset.train_labels[index]
-                )
+            planned = None
+            if host_plan is not None:
+                planned = host_plan.next(nnx.as_pure(optimizer.opt_state))
+            loss = train_step(
+                model, optimizer, dataset.train_images[index], dataset.train_labels[index], planned
             )
+            losses.append(loss)
         model.eval()
         predictions = predict(model, dataset.test_images)
         entry = {
@@ -165,6 +201,12 @@ def main() -> None:
     parser.add_argument("--rho", type=float, default=0.05, help="SAM perturbation radius")
     parser.add_argument("--batch-norm", action="store_true", help="add BatchNorm after each conv")
     parser.add_argument("--seed", type=int, default=0, help="seed of init, data order and draws")
+    parser.add_argument(
+        "--path",
+        choices=("auto", "host", "in_graph"),
+        default="auto",
+        help="how vSAM skips the second gradient; auto picks host on CPU",
+    )
     args = parser.parse_args()
     # INFO for this script only; JAX logs its backend probing at INFO.
     logging.basicConfig(format="%(message)s")
@@ -179,6 +221,7 @@ def main() -> None:
         rho=args.rho,
         batch_norm=args.batch_norm,
         seed=args.seed,
+        path=args.path,
     )
 
 

@@ -11,7 +11,13 @@ from optax_psf._src.policy import (
 )
 from optax_psf._src.reuse import DecayedPsfState, ReuseRule, decayed_psf, no_reuse
 from optax_psf._src.statistics import PsfStatistics
-from optax_psf._src.train_step import StepOutput, TrainStep, default_path, make_train_step
+from optax_psf._src.train_step import (
+    HostPlan,
+    StepOutput,
+    TrainStep,
+    default_path,
+    make_train_step,
+)
 from optax_psf._src.transform import (
     STATIC_HYPERPARAMETERS,
     PsfReuseState,
@@ -25,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "STATIC_HYPERPARAMETERS",
     "DecayedPsfState",
+    "HostPlan",
     "Perturbation",
     "PsfReuseState",
     "PsfStatistics",

@@ -107,3 +107,21 @@ def test_compare_quick_writes_results(tmp_path):
         for key in ("test_accuracy", "train_loss", "wall_time_s", "grad_evals", "sample_fraction"):
             assert key in entry, f"{name} lacks {key}"
     assert (tmp_path / "figure.png").stat().st_size > 10_000
+
+
+def test_nnx_host_path_matches_in_graph(small_mnist1d):
+    runs = {
+        path: nnx_train.train_nnx(
+            small_mnist1d, "vsam", epochs=2, batch_size=64, path=path, progress=False
+        )
+        for path in ("host", "in_graph")
+    }
+    counts = {
+        path: [entry["second_gradients"] for entry in run["history"]] for path, run in runs.items()
+    }
+    assert counts["host"] == counts["in_graph"]
+    np.testing.assert_allclose(
+        runs["host"]["history"][-1]["train_loss"],
+        runs["in_graph"]["history"][-1]["train_loss"],
+        rtol=1e-4,
+    )

@@ -100,12 +100,13 @@ def vsam_policy(
 
     During warm-up every step samples. Afterwards, at the start of each window
     of ``window`` steps, the target number of samples per window ``r`` is
-    scaled by ``1 + alpha[0] * d_ratio + alpha[1] * d_variance``, where the
-    ``d`` are the mean relative changes (clipped to ``[-1, 1]``) of the
-    ``||psf|| / ||g||`` history and of the PSF-norm variance history. ``r`` is
-    then clipped to ``[1, floor(window * max_rate)]``. A step samples when the
-    window still owes samples and ``u >= 1 - r / window``, or when the steps
-    left in the window are only just enough for the samples it still owes.
+    scaled by ``1 + alpha[0] * d_ratio + alpha[1] * d_variance``. Here
+    ``d_ratio`` and ``d_variance`` are the mean relative changes, clipped to
+    ``[-1, 1]``, of the ``||psf|| / ||g||`` history and of the PSF-norm
+    variance history. ``r`` is then clipped to ``[1, floor(window * max_rate)]``.
+    A step samples when the window still owes samples and
+    ``u >= 1 - r / window``, or when the steps left in the window are only
+    just enough for the samples it still owes.
 
     Args:
       window: Steps per window, ``K``; also the length of the statistics'
@@ -162,9 +163,9 @@ def vsam_policy(
         scaled_rate = jnp.clip(scaled_rate, 1.0, max_samples)
         rate = jnp.where(window_starts, scaled_rate, state.rate)
         probability = jnp.where(window_starts, rate / window, state.probability)
-        taken = jnp.where(window_starts, 0, state.window_samples)
+        samples_taken = jnp.where(window_starts, 0, state.window_samples)
 
-        owed = jnp.floor(rate).astype(jnp.int32) - taken
+        owed = jnp.floor(rate).astype(jnp.int32) - samples_taken
         random_pick = (owed > 0) & (u >= 1 - probability)
         forced_pick = window - position <= owed
         sample = random_pick | forced_pick
@@ -172,7 +173,7 @@ def vsam_policy(
         return sample, VSamPolicyState(
             step=state.step + 1,
             window_step=state.window_step + 1,
-            window_samples=taken + sample.astype(jnp.int32),
+            window_samples=samples_taken + sample.astype(jnp.int32),
             rate=rate,
             probability=probability,
         )

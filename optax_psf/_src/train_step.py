@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 
 class StepOutput(NamedTuple):
-    """What a training step returns.
+    """Outputs of one training step.
 
     Attributes:
       params: The updated parameters.
@@ -107,12 +107,10 @@ class TrainStep:
 
     Attributes:
       path: ``"in_graph"`` or ``"host"``, the path in use.
-      plan_reads: Number of device-to-host reads of the plan so far (host path).
     """
 
     def __init__(self, loss_fn, tx, has_model_state: bool, path: str, donate: bool):
         self.path = path
-        self.plan_reads = 0
         self._loss_fn = loss_fn
         self._tx = tx
         self._has_model_state = has_model_state
@@ -125,12 +123,14 @@ class TrainStep:
         self._in_graph_step = compile_step(None)
         self._sample_step = compile_step(True)
         self._skip_step = compile_step(False)
-        self._plan: Any = None
-        self._plan_index = 0
+        self._host_plan = HostPlan()
         self._last_opt_state: Any = None
         self._has_psf_state: bool | None = None
-        self._count_at_read = 0
-        self._index_at_read = 0
+
+    @property
+    def plan_reads(self) -> int:
+        """Number of device-to-host reads of the plan so far (host path)."""
+        return self._host_plan.reads
 
     def __call__(self, params, opt_state, batch, model_state=None) -> StepOutput:
         """Runs one training step; see :func:`make_train_step`."""
@@ -142,12 +142,7 @@ class TrainStep:
 
         # Any state other than the one this step returned last (a restored
         # checkpoint, say) invalidates the cached plan.
-        continues = opt_state is self._last_opt_state
-        if not continues or self._plan_index >= len(self._plan):
-            self._read_plan(metrics_lib.find_state(opt_state), continues)
-        take_sample = bool(self._plan[self._plan_index])
-        self._plan_index += 1
-
+        take_sample = self._host_plan.next(opt_state, same_run=opt_state is self._last_opt_state)
         step = self._sample_step if take_sample else self._skip_step
         output = step(params, opt_state, batch, model_state)
         self._last_opt_state = output.opt_state
@@ -175,31 +170,8 @@ class TrainStep:
 
     def reset(self) -> None:
         """Drops the cached plan, so that the next call reads it from the state."""
-        self._plan = None
+        self._host_plan.reset()
         self._last_opt_state = None
-
-    def _read_plan(self, psf_state: PsfReuseState, continues: bool) -> None:
-        plan, start, length, count = jax.device_get(
-            (psf_state.plan, psf_state.plan_start, psf_state.plan_length, psf_state.count)
-        )
-        self.plan_reads += 1
-        if continues and int(count) != self._count_at_read + self._plan_index - self._index_at_read:
-            # NOTE: a wrapper such as optax.apply_if_finite kept the old state
-            # on some step, so the steps since the last read followed the plan
-            # one or more steps ahead of the state. The in-graph path is exact.
-            logger.warning(
-                "The optimizer state did not advance on every step since the last plan"
-                " read (count %d, expected %d); decisions in between may differ from"
-                " path='in_graph'.",
-                int(count),
-                self._count_at_read + self._plan_index - self._index_at_read,
-            )
-        # The state always plans the step it is about to take, so count
-        # lies in [start, start + length).
-        self._plan = plan[: int(length)]
-        self._plan_index = int(count) - int(start)
-        self._count_at_read = int(count)
-        self._index_at_read = self._plan_index
 
     def _step(self, params, opt_state, batch, model_state, *, planned_sample):
         if self._has_model_state:
@@ -225,6 +197,77 @@ class TrainStep:
         psf_state = _find_state_or_none(opt_state)
         metrics = {} if psf_state is None else metrics_lib.metrics(psf_state)
         return StepOutput(params, opt_state, loss, new_model_state, metrics)
+
+
+class HostPlan:
+    """Reads the decisions planned in an optimizer state, once per window.
+
+    For training loops that call ``tx.update`` themselves, such as a Flax NNX
+    loop around ``nnx.Optimizer.update``: compile one step with
+    ``planned_sample=True`` and one with ``False`` (both are passed on to
+    ``tx.update``), and ask :meth:`next` which one to run before each step.
+
+      >>> plan = optax_psf.HostPlan()  # doctest: +SKIP
+      >>> take = plan.next(opt_state)  # doctest: +SKIP
+      >>> step = sample_step if take else skip_step  # doctest: +SKIP
+
+    Each call of :meth:`next` must be followed by one step that updates the
+    state. Call :meth:`reset` after replacing the state (a restored
+    checkpoint, say). :func:`make_train_step` does all of this itself.
+
+    Attributes:
+      reads: Number of device-to-host reads of the plan so far.
+    """
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self._plan: Any = None
+        self._index = 0
+        self._count_at_read = 0
+        self._index_at_read = 0
+
+    def next(self, opt_state: optax.OptState, *, same_run: bool = True) -> bool:
+        """Returns whether the next step takes the second gradient.
+
+        Args:
+          opt_state: The optimizer state the next step starts from. It is read
+            only when the cached plan is used up or ``same_run`` is false.
+          same_run: Whether ``opt_state`` came from the step after the previous
+            call. ``False`` makes it read the plan again.
+        """
+        if not same_run or self._plan is None or self._index >= len(self._plan):
+            self._read(metrics_lib.find_state(opt_state), same_run and self._plan is not None)
+        decision = bool(self._plan[self._index])
+        self._index += 1
+        return decision
+
+    def reset(self) -> None:
+        """Drops the cached plan, so that the next call reads it from the state."""
+        self._plan = None
+
+    def _read(self, psf_state: PsfReuseState, continues: bool) -> None:
+        plan, start, length, count = jax.device_get(
+            (psf_state.plan, psf_state.plan_start, psf_state.plan_length, psf_state.count)
+        )
+        self.reads += 1
+        expected = self._count_at_read + self._index - self._index_at_read
+        if continues and int(count) != expected:
+            # NOTE: a wrapper such as optax.apply_if_finite kept the old state
+            # on some step, so the steps since the last read followed the plan
+            # one or more steps ahead of the state. The in-graph path is exact.
+            logger.warning(
+                "The optimizer state did not advance on every step since the last plan"
+                " read (count %d, expected %d); decisions in between may differ from"
+                " path='in_graph'.",
+                int(count),
+                expected,
+            )
+        # The state always plans the step it is about to take, so count
+        # lies in [start, start + length).
+        self._plan = plan[: int(length)]
+        self._index = int(count) - int(start)
+        self._count_at_read = int(count)
+        self._index_at_read = self._index
 
 
 def _find_state_or_none(opt_state: Any) -> PsfReuseState | None:
