@@ -285,13 +285,7 @@ def train(
 ) -> dict[str, Any]:
     """Trains ``model`` on ``dataset`` with one optimizer and returns its record.
 
-    Args:
-      model: A Linen module called as ``model(x, train=...)``.
-      dataset: An object with ``train_images``, ``train_labels``,
-        ``test_images`` and ``test_labels`` arrays.
-      optimizer: One of :data:`OPTIMIZERS`.
-      config: The hyperparameters.
-      progress: Whether to show a tqdm bar per epoch (only on a terminal).
+    The arguments are those of :class:`Trainer`.
 
     Returns:
       A dict with the final ``test_accuracy``, ``train_loss`` (mean over the
