@@ -54,7 +54,13 @@ def test_state_round_trips_through_flattening(tmp_path):
 
 
 def run_worker(*args):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # PYTHONPATH makes the worker import this checkout's optax_psf, not an
+    # installed copy.
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
     completed = subprocess.run(
         [sys.executable, str(WORKER), *map(str, args)],
         cwd=ROOT,

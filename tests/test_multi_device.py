@@ -20,8 +20,13 @@ MODES = ("pmap", "mesh_jit", "shard_map")
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     output = tmp_path_factory.mktemp("multi_device") / "results.json"
+    # PYTHONPATH makes the worker import this checkout's optax_psf, not an
+    # installed copy.
     env = dict(
-        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu"
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     )
     completed = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "multi_device.py"), "--json", str(output)],

@@ -405,20 +405,19 @@ def sam(
 
 
 def static_hyperparameter(name: str, value: Any) -> Any:
-    """Returns ``value`` as a Python number if it is a concrete scalar array.
+    """Returns ``value`` unless it is an array, which only ``rho`` may be.
 
     Raises:
-      TypeError: If ``value`` is traced, as when ``optax.inject_hyperparams``
-        injects it: only ``rho`` may change from step to step.
+      TypeError: If ``value`` is a JAX or NumPy array, as when
+        ``optax.inject_hyperparams`` injects it.
     """
-    if isinstance(value, jax.core.Tracer):
+    if isinstance(value, (jax.Array, np.ndarray)):
         raise TypeError(
-            f"{name} cannot be injected or scheduled, only rho can. With"
-            " optax.inject_hyperparams, pass"
+            f"{name} must be a Python number, got an array: only rho can be injected or"
+            " scheduled. optax.inject_hyperparams turns every numeric argument, defaults"
+            " included, into an array unless it is listed in static_args; pass"
             " static_args=optax_psf.STATIC_HYPERPARAMETERS."
         )
-    if isinstance(value, (jax.Array, np.ndarray)) and value.ndim == 0:
-        return value.item()
     return value
 
 
