@@ -213,6 +213,8 @@ def psf_reuse(
             if axis_name is not None:
                 # Equal on every device when the clean gradient was averaged;
                 # averaging guards the decisions against rounding differences.
+                # NOTE: this assumes the parameters are replicated over the
+                # axis; parameters sharded over it would need summed norms.
                 norms = jax.lax.pmean(norms, axis_name)
             statistics = stats_lib.record_sample(state.statistics, *norms, blocks)
             return grads_sam, statistics, reuse.store(state.reuse, psf)
