@@ -1,6 +1,6 @@
 """Train one model with SGD, SAM and vSAM side by side and compare them.
 
-Every optimizer starts from the same initialization and sees the same data
+Every optimizer starts from the same initialization and gets the same data
 order and learning-rate schedule. Their epochs alternate, so a slow spell of
 the machine affects each alike. The script prints a table, and
 writes ``results.json`` and ``figure.png`` into ``--out``. Example:

@@ -48,7 +48,7 @@ def test_inject_hyperparams_schedules_rho():
         rho=schedule
     )
     _, state = run(optax.chain(injected, optax.sgd(0.01)), 5)
-    # The state holds the value the fifth step used: schedule(4).
+    # The state contains the value the fifth step used: schedule(4).
     np.testing.assert_allclose(state[0].hyperparams["rho"], 0.04, rtol=1e-6)
     assert int(optax_psf.metrics(state)["steps"]) == 5
 
@@ -118,7 +118,7 @@ def test_masked_wrappers_raise_with_alternative(wrap):
 
 
 def test_frozen_parameters_after_vsam():
-    # The supported way to freeze: vsam sees every parameter, the optimizer
+    # The supported way to freeze: vsam gets every parameter, the optimizer
     # after it leaves the frozen ones alone.
     labels = {"a": "train", "b": "frozen"}
     tx = optax.chain(

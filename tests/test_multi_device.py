@@ -52,7 +52,8 @@ def test_decisions_match_single_device(results, mode):
     single = np.asarray(results["single"]["decisions"])[:, 0]
     np.testing.assert_array_equal(np.asarray(results[mode]["decisions"])[:, 0], single)
     after_warmup = single[5:]
-    assert after_warmup.any() and not after_warmup.all()
+    assert after_warmup.any()
+    assert not after_warmup.all()
 
 
 @pytest.mark.parametrize("mode", MODES)

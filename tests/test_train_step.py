@@ -181,7 +181,7 @@ def test_plain_optimizer_uses_single_step():
     assert output.metrics == {}
 
 
-def test_host_path_warns_when_a_step_is_rolled_back(caplog):
+def test_host_path_warns_on_rollback(caplog):
     model = SmallMLP()
     batches = make_batches(30)
     params = model.init(jax.random.PRNGKey(0), batches[0][0])["params"]
